@@ -1,0 +1,103 @@
+"""The ``diffinv`` command: restore, evaluate, train and analyse from a shell.
+
+Every subcommand checks its arguments before any long computation, logs its configuration
+once and its summary at the end, and exits with status 1 and a one-line message (no
+traceback) on bad input or a diverging run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+
+logger = logging.getLogger("diffinv")
+
+
+def add_solve_arguments(parser: argparse.ArgumentParser) -> None:
+    from .operators import TASKS
+    from .solvers import SOLVERS
+
+    parser.add_argument("--model", default="gaussian",
+                        help="prior: gaussian, empirical, embedded, a Hugging Face Hub id or a folder (default: gaussian)")
+    parser.add_argument("--task", default="deblur", help=f"degradation, one of {', '.join(TASKS)} (default: deblur)")
+    parser.add_argument("--solver", default="dps", help=f"solver, one of {', '.join(SOLVERS)} (default: dps)")
+    parser.add_argument("--dataset", default="faces",
+                        help="faces (embedded, 32 px), olivetti (64 px) or a folder of images (default: faces)")
+    parser.add_argument("--images", type=int, default=4, help="number of held-out test images, from the first (default: 4)")
+    parser.add_argument("--steps", type=int, default=100, help="reverse diffusion steps (default: 100)")
+    parser.add_argument("--zeta", type=float, default=None,
+                        help="correction step size; DPS in the squared-norm convention (default: per solver)")
+    parser.add_argument("--t0", type=float, default=None,
+                        help="SDEdit start time as a fraction of the schedule (default: 0.4)")
+    parser.add_argument("--sigma-y", type=float, default=0.05,
+                        help="measurement noise standard deviation on the [-1, 1] scale (default: 0.05)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the operator, the noise and the sampler (default: 0)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffinv", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"diffinv {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only, no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    solve = commands.add_parser("solve", help="restore degraded test images and write metrics.json")
+    add_solve_arguments(solve)
+    solve.add_argument("--out", required=True, help="output folder for metrics.json and the images")
+
+    train = commands.add_parser("train", help="train a diffusers UNet on the embedded training faces")
+    train.add_argument("--config", default=None, help="YAML training config (default: the shipped embedded.yaml)")
+    train.add_argument("--out", required=True, help="output folder for checkpoints and the trained model")
+    train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: the config's)")
+    train.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+    jacobian = commands.add_parser("jacobian", help="Jacobian columns, spectra and spectral radii of a prior")
+    jacobian.add_argument("--model", default="gaussian", help="prior, as for solve (default: gaussian)")
+    jacobian.add_argument("--image", type=int, default=0, help="position of the test image (default: 0)")
+    jacobian.add_argument("--timesteps", default="50,200,500,800",
+                          help="comma-separated timesteps (default: 50,200,500,800)")
+    jacobian.add_argument("--k", type=int, default=8, help="number of singular values (default: 8)")
+    jacobian.add_argument("--pixels", default=None,
+                          help="comma-separated flat pixel indices to perturb (default: the image centre)")
+    jacobian.add_argument("--out", required=True, help="output folder for jacobian.json and the images")
+    return parser
+
+
+def configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "solve":
+        from .evaluation import solve_command
+
+        solve_command(args)
+    elif args.command == "train":
+        from .train import train
+
+        train(args.config, args.out, max_steps=args.max_steps, device=args.device)
+    elif args.command == "jacobian":
+        from .analysis import run_jacobian
+
+        timesteps = [int(value) for value in args.timesteps.split(",")]
+        pixels = None if args.pixels is None else [int(value) for value in args.pixels.split(",")]
+        run_jacobian(args.model, args.image, timesteps, args.k, pixels, args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.quiet)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        # Bad input and diverging runs end here: a message for the user, not a traceback.
+        print(f"diffinv {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"diffinv {args.command}: interrupted; finished batches are saved", file=sys.stderr)
+        return 130
+    return 0
