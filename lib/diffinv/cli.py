@@ -48,6 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_solve_arguments(solve)
     solve.add_argument("--out", required=True, help="output folder for metrics.json and the images")
 
+    evaluate = commands.add_parser("evaluate", help="run a grid of priors x tasks x solvers into one results table")
+    evaluate.add_argument("--models", default="gaussian", help="comma-separated priors (default: gaussian)")
+    evaluate.add_argument("--tasks", default="deblur,inpaint-box", help="comma-separated tasks (default: deblur,inpaint-box)")
+    evaluate.add_argument("--solvers", default="sdedit,scoreald,dps",
+                          help="comma-separated solvers; posterior-mean adds the Gaussian prior's exact answer "
+                               "(default: sdedit,scoreald,dps)")
+    evaluate.add_argument("--baselines", default="", help="comma-separated classical baselines: wiener, tv (default: none)")
+    evaluate.add_argument("--dataset", default="faces", help="faces, olivetti or a folder of images (default: faces)")
+    evaluate.add_argument("--split", default="test", help="train, test or all (default: test; sweeps use train)")
+    evaluate.add_argument("--images", type=int, default=None, help="first N images of the split (default: all)")
+    evaluate.add_argument("--steps", type=int, default=100, help="reverse diffusion steps (default: 100)")
+    evaluate.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    evaluate.add_argument("--sigma-y", type=float, default=0.05, help="measurement noise on the [-1, 1] scale (default: 0.05)")
+    evaluate.add_argument("--chosen", default=None, help="chosen.json of a sweep: zeta or t0 per model/task/solver")
+    evaluate.add_argument("--sweep", action="store_true", help="sweep --zetas and --t0s on training faces; write chosen.json")
+    evaluate.add_argument("--zetas", default="0.25,0.5,1,2", help="zeta values of a sweep (default: 0.25,0.5,1,2)")
+    evaluate.add_argument("--t0s", default="0.1,0.2,0.3,0.5", help="SDEdit start times of a sweep (default: 0.1,0.2,0.3,0.5)")
+    evaluate.add_argument("--shard", default=None,
+                          help="RANK/WORLD, e.g. 0/2, to run one share of the grid (default: torchrun's RANK and WORLD_SIZE)")
+    evaluate.add_argument("--merge", action="store_true", help="only join the shards' rows files in --out")
+    evaluate.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    evaluate.add_argument("--out", required=True, help="output folder for rows.json, rows.csv and summary.json")
+
     train = commands.add_parser("train", help="train a diffusers UNet on the embedded training faces")
     train.add_argument("--config", default=None, help="YAML training config (default: the shipped embedded.yaml)")
     train.add_argument("--out", required=True, help="output folder for checkpoints and the trained model")
@@ -75,6 +98,8 @@ def run(args: argparse.Namespace) -> None:
         from .evaluation import solve_command
 
         solve_command(args)
+    elif args.command == "evaluate":
+        evaluate_command(args)
     elif args.command == "train":
         from .train import train
 
@@ -85,6 +110,52 @@ def run(args: argparse.Namespace) -> None:
         timesteps = [int(value) for value in args.timesteps.split(",")]
         pixels = None if args.pixels is None else [int(value) for value in args.pixels.split(",")]
         run_jacobian(args.model, args.image, timesteps, args.k, pixels, args.out)
+
+
+def split_list(text: str, convert=str) -> list:
+    try:
+        return [convert(item) for item in text.split(",") if item.strip()]
+    except ValueError as error:
+        raise ValueError(f"{text!r} is not a comma-separated list of numbers") from error
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        rank, world = (int(part) for part in text.split("/"))
+    except ValueError as error:
+        raise ValueError(f"shard {text!r} is not valid, expected RANK/WORLD such as 0/2") from error
+    return rank, world
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from . import grid
+
+    if args.merge:
+        grid.merge(args.out)
+        return
+    models, tasks, solvers = split_list(args.models), split_list(args.tasks), split_list(args.solvers)
+    if args.sweep:
+        values = {"sdedit": split_list(args.t0s, float), "scoreald": split_list(args.zetas, float),
+                  "dps": split_list(args.zetas, float)}
+        rows = grid.sweep(models, tasks, solvers, {name: values[name] for name in solvers if name in values},
+                          args.out, images=args.images or 4, steps=args.steps, seed=split_list(args.seeds, int)[0],
+                          sigma_y=args.sigma_y, dataset=args.dataset, device=args.device, progress=not args.quiet)
+        chosen = {"/".join(key): value for key, value in grid.choose(rows).items()}
+        grid.write_json(Path(args.out) / "chosen.json", chosen)
+        logger.info("diffinv evaluate: chosen on training faces: %s", json.dumps(chosen))
+        return
+    chosen = None
+    if args.chosen:
+        chosen = {tuple(key.split("/")): value for key, value in json.loads(Path(args.chosen).read_text()).items()}
+    grid.evaluate(models, tasks, solvers, args.out, baselines=split_list(args.baselines), split=args.split,
+                  images=args.images, steps=args.steps, seeds=split_list(args.seeds, int), sigma_y=args.sigma_y,
+                  chosen=chosen, dataset=args.dataset, shard=parse_shard(args.shard), device=args.device,
+                  progress=not args.quiet)
 
 
 def main(argv: list[str] | None = None) -> int:
