@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=None, help="YAML training config (default: the shipped embedded.yaml)")
     train.add_argument("--out", required=True, help="output folder for checkpoints and the trained model")
     train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: the config's)")
+    train.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
     train.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
     jacobian = commands.add_parser("jacobian", help="Jacobian columns, spectra and spectral radii of a prior")
@@ -101,9 +102,12 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "evaluate":
         evaluate_command(args)
     elif args.command == "train":
+        from importlib import resources
+
         from .train import train
 
-        train(args.config, args.out, max_steps=args.max_steps, device=args.device)
+        config = args.config or str(resources.files("diffinv") / "configs" / "embedded.yaml")
+        train(config, args.out, resume=not args.no_resume, max_steps=args.max_steps, device=args.device)
     elif args.command == "jacobian":
         from .analysis import run_jacobian
 

@@ -179,9 +179,11 @@ def evaluate(models=("gaussian",), tasks=("deblur",), solvers=SOLVERS, out: str 
     done = {row_key(row) for row in rows}
     priors = PriorCache(dataset, pick_device(device))
     work = [(job, seed) for job in jobs[rank::world] for seed in seeds]
+    requested = set()
     for job, seed in tqdm(work, desc="evaluate", disable=not progress):
         expected = [row_key({**asdict(job), "steps": steps if job.solver in SOLVERS else None, "sigma_y": sigma_y,
                              "seed": seed, "split": split, "index": index}) for index in faces.indices]
+        requested.update(expected)
         if all(key in done for key in expected):
             continue
         new_rows = run_job(job, priors, faces, split, steps, sigma_y, seed)
@@ -189,6 +191,8 @@ def evaluate(models=("gaussian",), tasks=("deblur",), solvers=SOLVERS, out: str 
         done.update(expected)
         write_rows(path, rows, config)
 
+    # The rows file keeps rows of earlier runs with other settings; return and summarise this grid's only.
+    rows = [row for row in rows if row_key(row) in requested]
     table = summary_table(rows)
     write_json(out / ("summary.json" if world == 1 else f"summary-shard{rank}-of-{world}.json"), table)
     logger.info("diffinv evaluate: %d rows in %s\n%s", len(rows), path.with_suffix(".json"), format_table(table))

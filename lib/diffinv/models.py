@@ -274,7 +274,7 @@ class DiffusersPrior(Prior):
         unet_folder = folder / "unet" if (folder / "unet" / "config.json").exists() else folder
         if not (unet_folder / "config.json").exists():
             raise FileNotFoundError(f"{folder} holds no diffusers UNet (expected unet/config.json or config.json)")
-        unet = UNet2DModel.from_pretrained(unet_folder)
+        unet = UNet2DModel.from_pretrained(unet_folder, low_cpu_mem_usage=False)
         scheduler_config = next(
             (path for path in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json")
              if path.exists()), None)
