@@ -87,7 +87,35 @@ def build_parser() -> argparse.ArgumentParser:
     jacobian.add_argument("--pixels", default=None,
                           help="comma-separated flat pixel indices to perturb (default: the image centre)")
     jacobian.add_argument("--out", required=True, help="output folder for jacobian.json and the images")
+    bench = commands.add_parser("bench", help="run a script of the repository's benchmarks/ folder (writes JSON)")
+    bench.add_argument("name", nargs="?", default=None, help="benchmark name, e.g. sampler_overhead (default: list them)")
+    bench.add_argument("arguments", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
     return parser
+
+
+def benchmarks_folder():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} not found: diffinv bench runs the scripts of a source checkout's "
+                                "benchmarks/ folder; install diffinv editable from a clone")
+    return folder
+
+
+def bench_command(args: argparse.Namespace) -> None:
+    import subprocess
+
+    folder = benchmarks_folder()
+    scripts = sorted(path.stem for path in folder.glob("*.py") if path.stem != "common")
+    if args.name is None:
+        print("benchmarks: " + ", ".join(scripts))
+        return
+    if args.name not in scripts:
+        raise ValueError(f"benchmark {args.name!r} is not valid, expected one of {', '.join(scripts)}")
+    completed = subprocess.run([sys.executable, str(folder / f"{args.name}.py"), *args.arguments], cwd=folder.parent)
+    if completed.returncode != 0:
+        raise RuntimeError(f"benchmark {args.name} failed with exit status {completed.returncode}")
 
 
 def configure_logging(quiet: bool) -> None:
@@ -108,6 +136,8 @@ def run(args: argparse.Namespace) -> None:
 
         config = args.config or str(resources.files("diffinv") / "configs" / "embedded.yaml")
         train(config, args.out, resume=not args.no_resume, max_steps=args.max_steps, device=args.device)
+    elif args.command == "bench":
+        bench_command(args)
     elif args.command == "jacobian":
         from .analysis import run_jacobian
 
