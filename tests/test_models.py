@@ -123,3 +123,22 @@ def test_prior_rejects_wrong_image_shape(small_gaussian):
 def test_load_prior_rejects_unknown_name():
     with pytest.raises(ValueError, match="gaussian, empirical, embedded"):
         load_prior("not-a-model")
+
+
+def test_gaussian_posterior_covariance_information_form(small_faces, small_gaussian):
+    operator = make_operator("deblur", (1, 8, 8), 1, seed=0, std=1.0)
+    y = measure(operator, small_faces[:1], 0.05, seed=0)
+    _, covariances = small_gaussian.posterior(operator, y, 0.05)
+    A = operator.matrix()
+    information = torch.linalg.inv(small_gaussian.covariance()) + A.T @ A / 0.05**2
+    torch.testing.assert_close(covariances[0], torch.linalg.inv(information), rtol=1e-6, atol=1e-9)
+
+
+def test_gaussian_posterior_samples_match_moments(small_faces, small_gaussian):
+    operator = make_operator("inpaint-box", (1, 8, 8), 1, seed=0)
+    y = measure(operator, small_faces[:1], 0.05, seed=0)
+    mean, covariances = small_gaussian.posterior(operator, y, 0.05)
+    samples = small_gaussian.posterior_sample(operator, y, 0.05, count=20000, seed=1)[0].double().flatten(1)
+    # Monte Carlo error of the mean is about sqrt(max variance / 20000) = 0.02 per direction.
+    assert float((samples.mean(0) - mean[0].double().flatten()).abs().max()) < 0.02
+    assert float((torch.cov(samples.T) - covariances[0]).norm() / covariances[0].norm()) < 0.05
