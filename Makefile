@@ -38,9 +38,10 @@ $(KERNEL_STAMP): $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# --all rewrites every page: an incremental build keeps the old sidebar on unchanged pages.
 book: $(STAMP) $(KERNEL_STAMP)
 	$(PY) book/tools/execute.py --profile $(PROFILE)
-	$(VENV)/bin/jupyter-book build . $(BOOK_FLAGS)
+	$(VENV)/bin/jupyter-book build . --all $(BOOK_FLAGS)
 
 check-book: $(STAMP)
 	$(PY) book/tools/check_rendered.py

@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +32,7 @@ from .evaluation import library_versions, load_prior_for, pick_device, write_ato
 from .metrics import all_metrics, summarize
 from .models import GaussianPrior
 from .operators import TASKS, make_operator, measure
-from .solvers import DEFAULT_T0, DEFAULT_ZETA, SOLVERS, solve
+from .solvers import DEFAULT_T0, DEFAULT_ZETA, SOLVERS, DivergenceError, solve
 
 logger = logging.getLogger("diffinv")
 
@@ -116,9 +117,15 @@ def run_job(job: Job, priors: PriorCache, faces, split: str, steps: int, sigma_y
     operator = make_operator(job.task, tuple(truth.shape[1:]), len(truth), seed=seed).to(priors.device)
     y = measure(operator, truth, sigma_y, seed)
     started = time.perf_counter()
-    restored = restore_job(job, prior, operator, y, steps, sigma_y, seed)
+    try:
+        restored = restore_job(job, prior, operator, y, steps, sigma_y, seed)
+        values = {name: tensor.tolist() for name, tensor in all_metrics(restored, truth).items()}
+    except DivergenceError as error:
+        # A step size that makes a solver diverge is an outcome of the grid (a sweep expects some), not a
+        # failure of the run: its rows get NaN metrics, which summaries carry and choose() skips.
+        logger.warning("diffinv evaluate: %s diverged, its rows get NaN metrics: %s", job, error)
+        values = {name: [math.nan] * len(truth) for name in METRICS}
     seconds = (time.perf_counter() - started) / len(truth)
-    values = {name: tensor.tolist() for name, tensor in all_metrics(restored, truth).items()}
     uses_steps = job.solver in SOLVERS
     return [{"model": job.model, "task": job.task, "solver": job.solver, "zeta": job.zeta, "t0": job.t0,
              "steps": steps if uses_steps else None, "sigma_y": sigma_y, "seed": seed, "split": split,
@@ -266,13 +273,18 @@ def sweep(models, tasks, solvers, values: dict[str, list[float]], out: str | Pat
 
 
 def choose(rows: list[dict], metric: str = "psnr") -> dict[tuple[str, str, str], float]:
-    """Return, per (model, task, solver), the zeta or t0 with the best mean ``metric`` (higher PSNR/SSIM, lower LPIPS)."""
+    """Return, per (model, task, solver), the zeta or t0 with the best mean ``metric`` (higher PSNR/SSIM, lower LPIPS).
+
+    Values whose runs diverged (NaN metrics) are skipped; a configuration where every value diverged is left out.
+    """
     sign = -1 if metric == "lpips" else 1
     best: dict[tuple, tuple[float, float]] = {}
     for entry in summary_table(rows):
         key = (entry["model"], entry["task"], entry["solver"])
         value = entry["t0"] if entry["solver"] == "sdedit" else entry["zeta"]
         score = sign * entry[metric]["mean"]
+        if math.isnan(score):  # a diverged configuration
+            continue
         if key not in best or score > best[key][0]:
             best[key] = (score, value)
     return {key: value for key, (_, value) in best.items()}
