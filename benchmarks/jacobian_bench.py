@@ -207,9 +207,10 @@ def main(argv: list[str] | None = None) -> None:
     results = {part: run_part_in_subprocess(part, args.iterations) for part in parts}
     # Read the file only now, so a part measured by another run meanwhile is kept.
     report = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for part, result in results.items():
+        result["command"] = f"nice python benchmarks/jacobian_bench.py --part {part}"
     report.update(results)
     report["hardware"] = hardware()
-    report["command"] = "nice python benchmarks/jacobian_bench.py --part " + args.part
     args.out.parent.mkdir(parents=True, exist_ok=True)
     temporary = args.out.with_name(args.out.name + ".tmp")
     temporary.write_text(json.dumps(report, indent=2) + "\n")

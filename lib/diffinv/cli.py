@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     jacobian = commands.add_parser("jacobian", help="Jacobian columns, spectra and spectral radii of a prior")
     jacobian.add_argument("--model", default="gaussian", help="prior, as for solve (default: gaussian)")
-    jacobian.add_argument("--image", type=int, default=0, help="position of the test image (default: 0)")
+    jacobian.add_argument("--image", type=int, default=2, help="dataset index of the face, 0-99 (default: 2, a test face)")
     jacobian.add_argument("--timesteps", default="50,200,500,800",
                           help="comma-separated timesteps (default: 50,200,500,800)")
     jacobian.add_argument("--k", type=int, default=8, help="number of singular values (default: 8)")
