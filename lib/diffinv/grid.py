@@ -121,9 +121,9 @@ def run_job(job: Job, priors: PriorCache, faces, split: str, steps: int, sigma_y
         restored = restore_job(job, prior, operator, y, steps, sigma_y, seed)
         values = {name: tensor.tolist() for name, tensor in all_metrics(restored, truth).items()}
     except DivergenceError as error:
-        # A step size that makes a solver diverge is an outcome of the grid (a sweep expects some), not a
-        # failure of the run: its rows get NaN metrics, which summaries carry and choose() skips.
-        logger.warning("diffinv evaluate: %s diverged, its rows get NaN metrics: %s", job, error)
+        # A sweep expects some step sizes to diverge, so a diverged job is a result, not a failed run.
+        # Its rows get NaN metrics, which summaries carry and choose() skips.
+        logger.warning("diffinv evaluate: %s diverged, so its rows get NaN metrics: %s", job, error)
         values = {name: [math.nan] * len(truth) for name in METRICS}
     seconds = (time.perf_counter() - started) / len(truth)
     uses_steps = job.solver in SOLVERS
@@ -198,7 +198,7 @@ def evaluate(models=("gaussian",), tasks=("deblur",), solvers=SOLVERS, out: str 
         done.update(expected)
         write_rows(path, rows, config)
 
-    # The rows file keeps rows of earlier runs with other settings; return and summarise this grid's only.
+    # The rows file also keeps rows of earlier runs with other settings, so keep only this grid's rows.
     rows = [row for row in rows if row_key(row) in requested]
     table = summary_table(rows)
     write_json(out / ("summary.json" if world == 1 else f"summary-shard{rank}-of-{world}.json"), table)
