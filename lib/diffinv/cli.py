@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--models", default="gaussian", help="comma-separated priors (default: gaussian)")
     evaluate.add_argument("--tasks", default="deblur,inpaint-box", help="comma-separated tasks (default: deblur,inpaint-box)")
     evaluate.add_argument("--solvers", default="sdedit,scoreald,dps",
-                          help="comma-separated solvers; posterior-mean adds the Gaussian prior's exact answer "
+                          help="comma-separated solvers; posterior-mean adds the Gaussian prior's exact posterior mean "
                                "(default: sdedit,scoreald,dps)")
     evaluate.add_argument("--baselines", default="", help="comma-separated classical baselines: wiener, tv (default: none)")
     evaluate.add_argument("--dataset", default="faces", help="faces, olivetti or a folder of images (default: faces)")
