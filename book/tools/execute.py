@@ -29,6 +29,10 @@ import nbformat
 import papermill
 import yaml
 
+# The kernels inherit this. Intra-op threads on 32 px tensors buy little, and on a shared CPU
+# two threads per kernel made chapters run 5 to 10 times slower than one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 EXECUTED = NOTEBOOKS / "_executed"

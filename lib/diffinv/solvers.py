@@ -17,7 +17,9 @@ writes step 2 without ``sigma_t z``, which is its deterministic mean
   likelihood weight of annealed Langevin dynamics; Langevin multiplies it by the step
   size, which here is the ``1 - alpha_t`` that already multiplies the score in step 2.
   Without it, the correction at small t is ``2 / sigma_y^2`` times the residual (800 for
-  sigma_y = 0.05) and the iteration diverges. ``zeta = 1`` is that Langevin step.
+  sigma_y = 0.05) and the iteration diverges. Because g is the gradient of the squared
+  norm, ``zeta = 1/2`` is exactly the Langevin step of the annealed likelihood, and
+  ``zeta = 1`` doubles it.
 - DPS: ``zeta_t = zeta / |y - A x0_hat(x_t)|`` and ``g = -grad_{x_t} |y - A x0_hat(x_t)|^2``,
   the gradient taken through the network. The official DPS code steps by
   ``zeta' grad |y - A x0_hat|``, so its ``zeta'`` is twice the ``zeta`` here.
