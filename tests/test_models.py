@@ -12,7 +12,7 @@ from diffinv.solvers import sample
 
 @pytest.fixture(scope="module")
 def small_faces():
-    """The training faces at 8x8 in float64: a 64-dimensional problem with exact answers."""
+    """The training faces at 8x8 in float64: a 64-dimensional problem with closed-form results."""
     faces = load_faces("train").images.double()
     return F.interpolate(faces, size=(8, 8), mode="area")
 

@@ -51,7 +51,7 @@ def shared_data_dir() -> Path | None:
     """Return the folder of offline copies of downloaded files, or None when there is none.
 
     ``DIFFINV_SHARED_DATA`` takes precedence; otherwise ``shared/data`` beside the checkout
-    that holds this package is used when it exists.
+    that contains this package is used when it exists.
     """
     env = os.environ.get("DIFFINV_SHARED_DATA")
     if env:

@@ -179,7 +179,7 @@ class GaussianPrior(Prior):
 
         For ``y = A x_0 + sigma_y n``: ``K = Sigma A^T (A Sigma A^T + sigma_y^2 I)^{-1}``, mean
         ``mu + K (y - A mu)`` and covariance ``Sigma - K A Sigma``, one image at a time with the
-        matrix of the operator that image sees (``operator.single(i).matrix()``). Images of at
+        matrix of that image's operator (``operator.single(i).matrix()``). Images of at
         most 4096 pixels only; :meth:`posterior_mean` works at any size.
         """
         check_noise_level(sigma_y)
@@ -297,7 +297,7 @@ class DiffusersPrior(Prior):
     """A diffusers ``UNet2DModel`` and the schedule of its ``DDPMScheduler`` config.
 
     Models trained to predict ``"sample"`` or ``"v_prediction"`` are converted to eps,
-    so every solver sees the same interface.
+    so every solver calls the same interface.
     """
 
     def __init__(self, unet, schedule: Schedule, prediction_type: str = "epsilon", source: str = ""):
@@ -321,7 +321,7 @@ class DiffusersPrior(Prior):
         folder = resolve_model_folder(source)
         unet_folder = folder / "unet" if (folder / "unet" / "config.json").exists() else folder
         if not (unet_folder / "config.json").exists():
-            raise FileNotFoundError(f"{folder} holds no diffusers UNet (expected unet/config.json or config.json)")
+            raise FileNotFoundError(f"no diffusers UNet found in {folder} (expected unet/config.json or config.json)")
         unet = UNet2DModel.from_pretrained(unet_folder, low_cpu_mem_usage=False)
         scheduler_config = next(
             (path for path in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json")
