@@ -21,28 +21,17 @@ from diffinv.baselines import (
     wiener,
 )
 from diffinv.data import load_faces
+from diffinv.metrics import psnr
 from diffinv.operators import TASKS, LinearOperator, make_operator, measure
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These small FFTs run fastest on one thread, and more threads oversubscribe a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def faces() -> torch.Tensor:
     """The first 4 held-out embedded faces, 32x32, float64."""
     return load_faces("test").images[:4].double()
-
-
-def psnr(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """PSNR per image in dB on the [0, 1] scale, as diffinv.metrics computes it (that module imports lpips, which is slow)."""
-    error = (((x + 1) / 2).clamp(0, 1) - (ref + 1) / 2).pow(2).flatten(1).mean(1)
-    return -10 * torch.log10(error)
 
 
 # CG stops at a relative residual of 1e-8, which leaves errors up to about 1e-6 on these systems

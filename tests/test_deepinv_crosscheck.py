@@ -30,12 +30,7 @@ SHAPES = ((1, 32, 32), (3, 16, 24))
 DEEPINV_PSNR_EPSILON = 1e-8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

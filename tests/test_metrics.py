@@ -44,6 +44,12 @@ def read_example(name: str) -> torch.Tensor:
 # PSNR
 
 
+def test_alexnet_url_is_torchvisions():
+    from torchvision.models import AlexNet_Weights
+
+    assert metrics.ALEXNET_URL == AlexNet_Weights.IMAGENET1K_V1.url
+
+
 def test_psnr_constant_offset():
     ref = 0.8 * smooth_images((2, 1, 32, 32), seed=0)
     for c in (0.01, 0.1, 0.2):

@@ -24,13 +24,7 @@ SEEDS = (0, 1, 7)
 SHAPES = ((1, 32, 32), (3, 16, 24))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These small FFTs run fastest on one thread, and more threads oversubscribe a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_pair(op: LinearOperator, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,16 +25,18 @@ import urllib.request
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lpips as lpips_package
 import numpy as np
 import scipy.stats
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torchvision.models import AlexNet_Weights
 
 from diffinv.data import shared_data_dir
+
+if TYPE_CHECKING:
+    import lpips as lpips_package
 
 # Gaussian SSIM window of Wang et al. (2004).
 SSIM_WINDOW = 11
@@ -46,7 +48,9 @@ SSIM_K2 = 0.03
 # second max-pool gets an input smaller than its 3x3 window and fails, so small images are enlarged.
 LPIPS_MIN_SIDE = 64
 
-ALEXNET_URL = AlexNet_Weights.IMAGENET1K_V1.url
+# torchvision's AlexNet_Weights.IMAGENET1K_V1.url, written out so that importing this module does not
+# import lpips and torchvision (3 s); tests/test_metrics.py checks that the two agree.
+ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 ALEXNET_SHARED_FILE = Path("lpips-alexnet") / "alexnet_features.safetensors"
 DOWNLOAD_TIMEOUT_S = 10.0
 
@@ -169,6 +173,8 @@ def _load_shared_alexnet(model: lpips_package.LPIPS, path: Path) -> None:
 
 
 def _construct_lpips(pnet_rand: bool) -> lpips_package.LPIPS:
+    import lpips as lpips_package
+
     # lpips 0.1.4 builds its trunk with torchvision's deprecated ``pretrained`` argument.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecated since 0.13", category=UserWarning)
