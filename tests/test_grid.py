@@ -1,4 +1,5 @@
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,35 @@ def test_choose_picks_best_psnr():
     rows = [{"model": "m", "task": "deblur", "solver": "dps", "zeta": zeta, "t0": None, "steps": 5,
              "psnr": psnr, "ssim": 0.5, "lpips": 0.2} for zeta, psnr in [(0.5, 20.0), (1.0, 22.0), (2.0, 21.0)]]
     assert grid.choose(rows) == {("m", "deblur", "dps"): 1.0}
+
+
+def test_choose_skips_diverged_values():
+    rows = [{"model": "m", "task": "deblur", "solver": "scoreald", "zeta": zeta, "t0": None, "steps": 5,
+             "psnr": psnr, "ssim": 0.5, "lpips": 0.2} for zeta, psnr in [(0.5, 20.0), (8.0, math.nan)]]
+    rows += [{**rows[0], "solver": "dps", "zeta": 8.0, "psnr": math.nan}]
+    # A NaN mean compares false with everything, so without the skip it could win or block a value.
+    assert grid.choose(rows) == {("m", "deblur", "scoreald"): 0.5}
+
+
+def test_sweep_diverged_step_size_gives_nan_rows(tmp_path):
+    rows = grid.sweep(("gaussian",), ("deblur",), ("scoreald",), {"scoreald": [1.0, 1e6]}, tmp_path,
+                      images=2, steps=3, progress=False)
+    by_zeta = {zeta: [row["psnr"] for row in rows if row["zeta"] == zeta] for zeta in (1.0, 1e6)}
+    assert len(by_zeta[1e6]) == 2 and all(math.isnan(value) for value in by_zeta[1e6])
+    assert len(by_zeta[1.0]) == 2 and all(math.isfinite(value) for value in by_zeta[1.0])
+    assert grid.choose(rows) == {("gaussian", "deblur", "scoreald"): 1.0}
+
+
+def test_evaluate_returns_only_requested_rows(tmp_path, uninterrupted):
+    grid.evaluate(out=tmp_path, **GRID)
+    other = grid.evaluate(out=tmp_path, **{**GRID, "steps": 2})
+    assert len(other) == len(uninterrupted)
+    assert {row["steps"] for row in other} == {2, None}
+    # The rows file keeps both runs; the diffusion solvers' rows differ by steps, the others are shared.
+    shared = sum(row["steps"] is None for row in uninterrupted)
+    assert len(grid.read_rows(tmp_path / "rows")) == 2 * len(uninterrupted) - shared
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {entry["steps"] for entry in summary} == {2, None}
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
