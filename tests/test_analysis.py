@@ -174,6 +174,43 @@ def test_spectral_radius_reverse(gaussian, noisy, t):
     assert abs(radius - expected) / expected < 1e-4
 
 
+@pytest.mark.parametrize("t", (50, 300))
+def test_ritz_values_score_extremes(gaussian, noisy, t):
+    # J_s = -C_t^{-1}: its eigenvalues lie in [-1 / min variance, -1 / max variance], all real.
+    # At t = 50 the right end is a small gap at the edge of a wide spectrum and needs about 60 steps.
+    variances = gaussian.schedule.abar[t] * gaussian.eigvals + 1 - gaussian.schedule.abar[t]
+    values = analysis.ritz_values(analysis.score_map(gaussian, t), noisy[t], iterations=60)
+    assert values.shape == (60,)
+    assert float(values.imag.abs().max()) < 1e-8
+    assert abs(float(values.real.min()) + float(1 / variances.min())) * float(variances.min()) < 1e-6
+    assert abs(float(values.real.max()) + float(1 / variances.max())) * float(variances.max()) < 1e-6
+    assert torch.equal(values.abs(), values.abs().sort(descending=True).values)
+
+
+def test_ritz_values_shift_and_scale(gaussian, noisy):
+    # The Krylov space of a I + b J is that of J, so its Ritz values are a + b times those of J.
+    t = 300
+    score = analysis.score_map(gaussian, t)
+    alpha_t = float(gaussian.schedule.alphas[t])
+    of_score = analysis.ritz_values(score, noisy[t], iterations=12)
+    of_step = analysis.ritz_values(analysis.reverse_step_map(gaussian, t), noisy[t], iterations=12)
+    mapped = (1 + (1 - alpha_t) * of_score) / math.sqrt(alpha_t)
+    assert torch.allclose(of_step.real.sort().values, mapped.real.sort().values, rtol=0, atol=1e-10)
+
+
+def test_ritz_values_stop_at_invariant_subspace():
+    # A diagonal map on 4 pixels: 4 Arnoldi steps span everything, so the values are exact.
+    scale = torch.tensor([3.0, -2.0, 0.5, 1.0], dtype=torch.float64).reshape(1, 1, 2, 2)
+    values = analysis.ritz_values(lambda x: scale * x, torch.zeros(1, 1, 2, 2, dtype=torch.float64), 10)
+    assert torch.allclose(values.real, torch.tensor([3.0, -2.0, 1.0, 0.5], dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("iterations", [0, -1, 2.5, True])
+def test_ritz_values_rejects_iterations(gaussian, noisy, iterations):
+    with pytest.raises(ValueError, match="iterations"):
+        analysis.ritz_values(analysis.score_map(gaussian, 50), noisy[50], iterations)
+
+
 def test_power_iteration_denoiser(gaussian, noisy):
     # At t = 700, sigma_1 / sigma_2 of J_D is about 1.44, so 60 power steps converge.
     expected = float(closed_form_singular_values(gaussian, "denoiser", 700)[0])

@@ -30,7 +30,7 @@ import check_rendered  # noqa: E402
 import devtools  # noqa: E402
 import execute  # noqa: E402
 
-from diffinv.plotting import evenly_spaced, image_grid, to_display, trajectory_figure  # noqa: E402
+from diffinv.plotting import evenly_spaced, image_grid, signed_panel, to_display, trajectory_figure  # noqa: E402
 from diffinv.widgets import live_slider, scrub_animation  # noqa: E402
 
 NOTEBOOK_SOURCES = sorted((ROOT / "notebooks").glob("*.md"))
@@ -432,6 +432,36 @@ def test_image_grid_fixed_grey_scale():
 def test_image_grid_rejects_title_count():
     with pytest.raises(ValueError, match="2 titles for 3 images"):
         image_grid(torch.zeros(3, 1, 4, 4), titles=["a", "b"])
+
+
+def test_signed_panel_symmetric_scale():
+    image = torch.zeros(2, 4, 4)
+    image[0, 1, 1], image[1, 1, 1] = -3.0, -1.0   # channel mean -2 at (1, 1)
+    image[:, 2, 3] = 0.5
+    fig, ax = plt.subplots()
+    signed_panel(ax, image, "a map", marker=(1, 1))
+    artist = ax.get_images()[0]
+    assert artist.get_clim() == (-2.0, 2.0)
+    assert float(artist.get_array()[1, 1]) == -2.0
+    plt.close(fig)
+
+
+def test_signed_panel_scale_excludes_pixel():
+    image = torch.zeros(1, 3, 3)
+    image[0, 0, 2], image[0, 2, 2] = 10.0, -0.25
+    fig, ax = plt.subplots()
+    signed_panel(ax, image, exclude=2)   # row-major flat index of (0, 2)
+    assert ax.get_images()[0].get_clim() == (-0.25, 0.25)
+    plt.close(fig)
+
+
+def test_signed_panel_flat_map_and_bad_shape():
+    fig, ax = plt.subplots()
+    signed_panel(ax, torch.zeros(3, 3))
+    assert ax.get_images()[0].get_clim() == (-1.0, 1.0)
+    with pytest.raises(ValueError, match="expected"):
+        signed_panel(ax, torch.zeros(1, 1, 3, 3))
+    plt.close(fig)
 
 
 def test_evenly_spaced_keeps_ends():

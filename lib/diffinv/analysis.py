@@ -22,6 +22,7 @@ It took half the time of ``torch.func.vmap`` over single jvps (8 tangents throug
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -124,8 +125,10 @@ def jvp_batch(fn: ImageMap, x: torch.Tensor, tangents: torch.Tensor) -> torch.Te
     """Return ``J v`` for each of the tangents ``(B, C, H, W)``, J the Jacobian of ``fn`` at ``x``."""
     primal = x.repeat(len(tangents), 1, 1, 1)
     # Forward AD has no rule for the fused attention kernels (flash attention on CPU in torch 2.14),
-    # so attention runs as the math backend's plain matrix products.
-    with sdpa_kernel(SDPBackend.MATH):
+    # so attention runs as the math backend's plain matrix products. torch's first jvp imports its
+    # own decompositions, which warn that torch.jit.script is deprecated: that is torch's to fix.
+    with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
         return jvp(fn, (primal,), (tangents.to(x.dtype),))[1]
 
 
@@ -348,11 +351,11 @@ def spectral_radius(fn: ImageMap, x: torch.Tensor, iterations: int = 30, method:
     """Return the largest |eigenvalue| of the Jacobian J of ``fn`` at ``x``, using ``iterations`` jvps.
 
     ``method="arnoldi"``: the largest |Ritz value| of ``iterations`` Arnoldi steps (full
-    reorthogonalisation). Like Lanczos, it converges fast on the exterior of a flat
-    spectrum. ``method="power"``: the growth ``|J v|`` of the last normalised iterate of
-    power iteration, which converges at the rate ``|lambda_2 / lambda_1|``. That rate is
-    close to 1 for ``J_f``, whose eigenvalues all lie near 1, so power iteration needs
-    thousands of passes there.
+    reorthogonalisation, see :func:`ritz_values`). Like Lanczos, it converges fast on the
+    exterior of a flat spectrum. ``method="power"``: the growth ``|J v|`` of the last
+    normalised iterate of power iteration, which converges at the rate ``|lambda_2 / lambda_1|``.
+    That rate is close to 1 for ``J_f``, whose eigenvalues all lie near 1, so power iteration
+    needs thousands of passes there.
 
     For a symmetric J (the Gaussian and empirical priors, whose score Jacobian is a Hessian)
     the spectral radius equals the largest singular value. A learned network's J_f is not
@@ -360,11 +363,10 @@ def spectral_radius(fn: ImageMap, x: torch.Tensor, iterations: int = 30, method:
     iteration oscillates. Arnoldi's Ritz values of a non-normal J lie in its field of
     values, so its estimate may also exceed the true radius, though never ``sigma_1``.
     """
-    check_single_image(x)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations = {iterations!r}, expected a positive integer")
     if method == "arnoldi":
-        return _arnoldi_radius(fn, x, min(iterations, x[0].numel()), seed)
+        return float(ritz_values(fn, x, iterations, seed).abs().max())
+    check_single_image(x)
+    _check_count("iterations", iterations, 1)
     if method != "power":
         raise ValueError(f"method {method!r} is not valid, expected 'arnoldi' or 'power'")
     v = _random_images(1, x, seed)
@@ -379,7 +381,19 @@ def spectral_radius(fn: ImageMap, x: torch.Tensor, iterations: int = 30, method:
     return growth
 
 
-def _arnoldi_radius(fn, x, steps, seed) -> float:
+def ritz_values(fn: ImageMap, x: torch.Tensor, iterations: int = 30, seed: int = 0) -> torch.Tensor:
+    """Return the Ritz values (complex, by descending modulus) of ``iterations`` Arnoldi steps on the Jacobian of ``fn``.
+
+    They estimate eigenvalues of J, the extreme ones first: after n steps the largest and the
+    leftmost and rightmost real parts are usually close, the interior ones not. One run gives
+    them all, so the spectral radius and the leftmost eigenvalue of J cost the same
+    ``iterations`` jvps. Eigenvalues of ``a I + b J`` are ``a + b`` times these, from the
+    same Krylov space. The run stops early, with exact eigenvalues, if it finds an invariant
+    subspace.
+    """
+    check_single_image(x)
+    _check_count("iterations", iterations, 1)
+    steps = min(iterations, x[0].numel())
     shape = x.shape[1:]
     start = _random_images(1, x, seed).flatten()
     basis = [start / start.norm()]
@@ -398,7 +412,8 @@ def _arnoldi_radius(fn, x, steps, seed) -> float:
             steps = j + 1  # exact invariant subspace: its Ritz values are eigenvalues of J
             break
         basis.append(w / norm)
-    return float(torch.linalg.eigvals(hessenberg[:steps, :steps]).abs().max())
+    values = torch.linalg.eigvals(hessenberg[:steps, :steps])
+    return values[values.abs().argsort(descending=True)]
 
 
 # --- summaries of a spectrum and of subspaces ---------------------------------------------
@@ -637,11 +652,6 @@ def _jacobian_report(prior_name, prior, image_index, pixels, spectra, seconds, v
     return {"config": config, "timesteps": rows, "passes": spectra["passes"], "seconds": seconds}
 
 
-def _display(image: torch.Tensor) -> torch.Tensor:
-    """Return a (C, H, W) signed image as (H, W), the channel mean, for a diverging colour map."""
-    return image.float().mean(0)
-
-
 def _save_figure(figure, path) -> None:
     """Save a pyplot-free Figure (so no notebook backend is switched) under a temporary name, then rename."""
     from pathlib import Path
@@ -651,20 +661,10 @@ def _save_figure(figure, path) -> None:
     write_atomic(Path(path), lambda name: figure.savefig(name, format="png", dpi=100, bbox_inches="tight"))
 
 
-def _signed_panel(axis, image: torch.Tensor, title: str, exclude: int | None = None) -> None:
-    """Show ``image`` with a symmetric colour scale, set without the flat pixel ``exclude`` if given."""
-    panel = _display(image)
-    scaled = panel.flatten().clone()
-    if exclude is not None:
-        scaled[exclude] = 0
-    limit = float(scaled.abs().max()) or 1.0
-    axis.imshow(panel.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
-    axis.set_title(title, fontsize=8)
-    axis.set_axis_off()
-
-
 def _plot_responses(path, responses: dict[str, torch.Tensor], pixels, image_shape, t: int) -> None:
     from matplotlib.figure import Figure
+
+    from .plotting import signed_panel
 
     _, height, width = image_shape
     figure = Figure(figsize=(2 * len(pixels), 4.2))
@@ -674,7 +674,7 @@ def _plot_responses(path, responses: dict[str, torch.Tensor], pixels, image_shap
         for row, (name, label) in enumerate((("score", "J_s e_i"), ("reverse", "J_f e_i"))):
             axis = axes[row][column]
             # The diagonal entry dwarfs the rest, so the colour scale leaves pixel i out.
-            _signed_panel(axis, responses[name][column], f"{label}, i = {pixel}", pixel % (height * width))
+            signed_panel(axis, responses[name][column], f"{label}, i = {pixel}", exclude=pixel % (height * width))
             axis.plot(column_index, row_index, marker="+", color="black", markersize=6)
     figure.suptitle(f"pixel responses at t = {t} (colour scale without pixel i, marked +)", fontsize=9)
     _save_figure(figure, path)
@@ -683,13 +683,15 @@ def _plot_responses(path, responses: dict[str, torch.Tensor], pixels, image_shap
 def _plot_vectors(path, vectors: dict[str, torch.Tensor], values: dict[str, torch.Tensor], t: int) -> None:
     from matplotlib.figure import Figure
 
+    from .plotting import signed_panel
+
     count = len(next(iter(vectors.values())))
     labels = {"score": "J_s", "denoiser": "J_D", "reverse": "J_f"}
     figure = Figure(figsize=(1.6 * count, 1.8 * len(MAPS)))
     axes = figure.subplots(len(MAPS), count, squeeze=False)
     for row, name in enumerate(MAPS):
         for column in range(count):
-            _signed_panel(axes[row][column], vectors[name][column],
-                          f"{labels[name]} v{column + 1}, {float(values[name][column]):.3g}")
+            signed_panel(axes[row][column], vectors[name][column],
+                         f"{labels[name]} v{column + 1}, {float(values[name][column]):.3g}")
     figure.suptitle(f"top right singular vectors at t = {t} (title: singular value)", fontsize=9)
     _save_figure(figure, path)

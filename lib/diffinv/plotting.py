@@ -44,6 +44,32 @@ def show_image(ax, image, title: str | None = None) -> None:
         ax.set_title(title, fontsize=9)
 
 
+def signed_panel(ax, image: torch.Tensor, title: str | None = None, marker: tuple[int, int] | None = None,
+                 exclude: int | None = None) -> None:
+    """Draw a signed map (C, H, W) or (H, W): red positive, blue negative, on a scale symmetric about 0.
+
+    Several channels are shown as their mean. The scale is the map's own largest magnitude,
+    leaving out the flat (row-major, per channel) pixel ``exclude`` if given, so that a
+    Jacobian column's large diagonal entry does not wash out the rest. ``marker`` (row,
+    column) draws a cross on one pixel.
+    """
+    panel = image.detach().float().cpu()
+    panel = panel.mean(0) if panel.ndim == 3 else panel
+    if panel.ndim != 2:
+        raise ValueError(f"image has shape {tuple(image.shape)}, expected (C, H, W) or (H, W)")
+    scaled = panel.flatten().clone()
+    if exclude is not None:
+        scaled[exclude % scaled.numel()] = 0
+    limit = float(scaled.abs().max()) or 1.0
+    ax.imshow(panel.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    if marker is not None:
+        ax.plot(marker[1], marker[0], marker="+", color="black", markersize=7)
+    if title:
+        ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def image_grid(images: torch.Tensor | Sequence, titles: Sequence[str] | None = None,
                ncols: int | None = None, size: float = 1.8, row_labels: Sequence[str] | None = None,
                suptitle: str | None = None) -> Figure:
