@@ -107,6 +107,26 @@ def test_sweep_diverged_step_size_gives_nan_rows(tmp_path):
     assert grid.choose(rows) == {("gaussian", "deblur", "scoreald"): 1.0}
 
 
+def test_sweep_loads_each_prior_once(tmp_path, monkeypatch):
+    loaded = []
+    original = grid.load_prior_for
+
+    def counting_load(model, *args, **kwargs):
+        loaded.append(model)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(grid, "load_prior_for", counting_load)
+    grid.sweep(("gaussian",), ("deblur",), ("scoreald", "dps"), {"scoreald": [0.5, 1.0], "dps": [0.5]}, tmp_path,
+               images=1, steps=2, progress=False)
+    assert loaded == ["gaussian"]
+
+
+def test_evaluate_rejects_priors_of_another_dataset(tmp_path):
+    priors = grid.PriorCache("olivetti", grid.pick_device("cpu"))
+    with pytest.raises(ValueError, match="dataset 'olivetti'"):
+        grid.evaluate(out=tmp_path, **{**GRID, "device": "cpu"}, priors=priors)
+
+
 def test_evaluate_returns_only_requested_rows(tmp_path, uninterrupted):
     grid.evaluate(out=tmp_path, **GRID)
     other = grid.evaluate(out=tmp_path, **{**GRID, "steps": 2})

@@ -161,8 +161,13 @@ def rows_path(out: Path, shard: tuple[int, int]) -> Path:
 def evaluate(models=("gaussian",), tasks=("deblur",), solvers=SOLVERS, out: str | Path = "runs/evaluate", *,
              baselines=(), split: str = "test", images: int | None = None, steps: int = 100, seeds=(0,),
              sigma_y: float = 0.05, chosen: dict | None = None, dataset: str = "faces",
-             shard: tuple[int, int] | None = None, device: str | None = None, progress: bool = True) -> list[dict]:
-    """Run the grid and return its rows (this shard's only, when sharded)."""
+             shard: tuple[int, int] | None = None, device: str | None = None, progress: bool = True,
+             priors: PriorCache | None = None) -> list[dict]:
+    """Run the grid and return its rows (this shard's only, when sharded).
+
+    ``priors`` lets several calls share the priors they load (as :func:`sweep` does); it
+    must be for the same dataset and device.
+    """
     jobs = plan_jobs(models, tasks, solvers, baselines, chosen)
     if steps < 1:
         raise ValueError(f"steps = {steps}, expected a positive number of reverse steps")
@@ -184,7 +189,11 @@ def evaluate(models=("gaussian",), tasks=("deblur",), solvers=SOLVERS, out: str 
 
     rows = read_rows(path)
     done = {row_key(row) for row in rows}
-    priors = PriorCache(dataset, pick_device(device))
+    if priors is None:
+        priors = PriorCache(dataset, pick_device(device))
+    elif (priors.dataset, priors.device) != (dataset, pick_device(device)):
+        raise ValueError(f"priors were loaded for dataset {priors.dataset!r} on {priors.device}, "
+                         f"expected dataset {dataset!r} on {pick_device(device)}")
     work = [(job, seed) for job in jobs[rank::world] for seed in seeds]
     requested = set()
     for job, seed in tqdm(work, desc="evaluate", disable=not progress):
@@ -258,6 +267,7 @@ def sweep(models, tasks, solvers, values: dict[str, list[float]], out: str | Pat
           progress: bool = True) -> list[dict]:
     """Run each solver over its list of zeta (or, for SDEdit, t0) values on training faces."""
     rows = []
+    priors = PriorCache(dataset, pick_device(device))
     for solver in solvers:
         if solver not in values or not values[solver]:
             raise ValueError(f"no sweep values given for solver {solver!r}")
@@ -268,7 +278,7 @@ def sweep(models, tasks, solvers, values: dict[str, list[float]], out: str | Pat
             label = next(iter(chosen.values()))
             rows += evaluate(models, tasks, (solver,), Path(out) / f"{solver}-{parameter}-{label:g}", split="train",
                              images=images, steps=steps, seeds=(seed,), sigma_y=sigma_y, chosen=chosen,
-                             dataset=dataset, shard=(0, 1), device=device, progress=progress)
+                             dataset=dataset, shard=(0, 1), device=device, progress=progress, priors=priors)
     return rows
 
 
