@@ -220,7 +220,7 @@ def test_load_profile_missing():
 
 def clean_report(**changes):
     report = {"images": 1, "brokenImages": [], "math": 2, "mathUntypeset": [], "mathContainers": 2,
-              "mathErrors": [], "rawTex": [], "widgetPlaceholders": 0, "tracebacks": [], "stderr": [],
+              "mathErrors": [], "rawTex": [], "rawTables": [], "widgetPlaceholders": 0, "tracebacks": [], "stderr": [],
               "remoteReferences": [], "staticSliders": 0}
     report.update(changes)
     return report
@@ -236,6 +236,7 @@ def test_report_failures_clean():
     ({"mathContainers": 0}, "2 math elements but no MathJax output"),
     ({"mathErrors": ["Undefined control sequence"]}, "MathJax error: Undefined control sequence"),
     ({"rawTex": ["$$x$$"]}, "raw TeX in the text"),
+    ({"rawTables": ["| t0 | PSNR | |---|---|"]}, "Markdown table left as text"),
     ({"widgetPlaceholders": 1}, "widget placeholder"),
     ({"tracebacks": ["Traceback (most recent call last)"]}, "error output"),
     ({"stderr": ["ValueError: bad"]}, "stderr output with an error"),
@@ -367,7 +368,7 @@ def test_check_rendered_site(tmp_path, capsys):
     site.mkdir()
     (site / "index.html").write_text(f'<html><body><p>fine</p><img src="data:image/png;base64,{pixel}"></body></html>')
     (site / "bad.html").write_text(
-        '<html><body><p>$$x^2$$</p><img src="missing.png">'
+        '<html><body><p>$$x^2$$</p><p>| a | b | |---|---| | 1 | 2 |</p><img src="missing.png">'
         '<div class="cell_output"><div class="output traceback">Traceback (most recent call last)</div></div>'
         '<script src="https://cdn.invalid/lib.js"></script></body></html>')
 
@@ -379,6 +380,7 @@ def test_check_rendered_site(tmp_path, capsys):
     assert "FAIL bad.html" in output
     assert "image did not load: missing.png" in output
     assert "raw TeX in the text" in output
+    assert "Markdown table left as text" in output
     assert "error output: Traceback" in output
     assert "remote reference (the book must work offline): https://cdn.invalid/lib.js" in output
     assert (tmp_path / "shots" / "index.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

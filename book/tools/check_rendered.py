@@ -65,11 +65,15 @@ INSPECT_SCRIPT = r"""
   const skip = "pre, code, script, style, textarea, mjx-container, .highlight, .MathJax";
   const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
   const rawTex = [];
+  const rawTables = [];
   const texPattern = /\$\$|\\\(|\\\[|\\begin\{|\\[a-zA-Z]{2,}/;
+  // A Markdown table that reached the page as text, such as one glued inline, keeps its rule row.
+  const tablePattern = /\|\s*:?-{3,}:?\s*\|/;
   for (let node = walker.nextNode(); node; node = walker.nextNode()) {
     if (node.parentElement && node.parentElement.closest(skip)) continue;
     const text = node.textContent;
     if (texPattern.test(text)) rawTex.push(text.trim().slice(0, 80));
+    if (tablePattern.test(text)) rawTables.push(text.trim().slice(0, 80));
   }
   const outputText = selector => [...document.querySelectorAll(selector)].map(e => e.innerText.trim().slice(0, 160));
   const mathElements = [...document.querySelectorAll(".math")];
@@ -84,6 +88,7 @@ INSPECT_SCRIPT = r"""
     mathErrors: [...document.querySelectorAll("mjx-merror")]
       .map(e => (e.getAttribute("data-mjx-error") || e.textContent).slice(0, 120)),
     rawTex: rawTex,
+    rawTables: rawTables,
     widgetPlaceholders: document.querySelectorAll(
       'script[type="application/vnd.jupyter.widget-view+json"], .jupyter-widgets, .widget-subarea').length,
     tracebacks: outputText(".cell_output .output.traceback, .cell_output .output.error"),
@@ -128,6 +133,8 @@ def report_failures(report: dict) -> list[str]:
         failures.append(f"{report['math']} math elements but no MathJax output (mjx-container)")
     failures += [f"MathJax error: {text}" for text in report["mathErrors"]]
     failures += [f"raw TeX in the text: {text!r}" for text in report["rawTex"]]
+    failures += [f"Markdown table left as text (glue it with the glue:md directive, not the inline role): {text!r}"
+                 for text in report["rawTables"]]
     if report["widgetPlaceholders"]:
         failures.append(f"{report['widgetPlaceholders']} widget placeholder(s), which need a kernel: tag the cell "
                         "remove-output and follow it with a static slider (diffinv.widgets.scrub_animation)")
