@@ -492,6 +492,15 @@ def test_scrub_animation_embeds_frames_offline():
     assert 'class="fa' not in html
 
 
+def test_scrub_animation_keeps_panel_aspect():
+    # A square panel and one three times as wide: the figure is size * (1 + 3) inches wide.
+    frames = [[torch.zeros(1, 8, 8), torch.zeros(1, 8, 24)] for _ in range(2)]
+    html = scrub_animation(frames, size=1.0, dpi=20).data
+    first = base64.b64decode(re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html).group(1))
+    width, height = struct.unpack(">II", first[16:24])
+    assert (width, height) == (80, 30)
+
+
 def test_scrub_animation_rejects_ragged_frames():
     with pytest.raises(ValueError, match="panels"):
         scrub_animation([torch.zeros(2, 1, 4, 4), torch.zeros(3, 1, 4, 4)])

@@ -60,7 +60,8 @@ def scrub_animation(frames: Sequence, titles: Sequence[str] | None = None,
     """Return an HTML slider over ``frames`` that works without a kernel.
 
     Each frame is one image (C, H, W) or K panels side by side ((K, C, H, W) or a list).
-    Every frame has the same number of panels. ``titles`` name the panels, ``frame_labels``
+    Every frame has the same number of panels; each panel is ``size`` inches high, and its width
+    follows its aspect ratio. ``titles`` name the panels, ``frame_labels``
     (for example ``"t = 999"``) label each frame. Frames are embedded as PNG at ``dpi``, so
     the page size grows with frames x panels x (size x dpi)^2.
     """
@@ -75,7 +76,10 @@ def scrub_animation(frames: Sequence, titles: Sequence[str] | None = None,
     if frame_labels is not None and len(frame_labels) != len(frames):
         raise ValueError(f"{len(frame_labels)} frame labels for {len(frames)} frames, expected one per frame")
 
-    fig, axes = plt.subplots(1, panel_count, figsize=(size * panel_count, size + 0.5), dpi=dpi, squeeze=False)
+    # A panel keeps its aspect ratio: a strip of several maps side by side gets a wider axis, not smaller maps.
+    widths = [panel.shape[-1] / panel.shape[-2] for panel in frames[0]]
+    fig, axes = plt.subplots(1, panel_count, figsize=(size * sum(widths), size + 0.5), dpi=dpi, squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     for ax, image, title in zip(axes[0], frames[0], titles or [None] * panel_count):
         show_image(ax, image, title)
     artists = [ax.images[0] for ax in axes[0]]
