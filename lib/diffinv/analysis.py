@@ -387,9 +387,9 @@ def ritz_values(fn: ImageMap, x: torch.Tensor, iterations: int = 30, seed: int =
     They estimate eigenvalues of J, the extreme ones first: after n steps the largest and the
     leftmost and rightmost real parts are usually close, the interior ones not. One run gives
     them all, so the spectral radius and the leftmost eigenvalue of J cost the same
-    ``iterations`` jvps. Eigenvalues of ``a I + b J`` are ``a + b`` times these, from the
-    same Krylov space. The run stops early, with exact eigenvalues, if it finds an invariant
-    subspace.
+    ``iterations`` jvps. With the same seed, ``a I + b J`` has the same Krylov space and the
+    Ritz values ``a + b * theta`` for each value ``theta`` here. The run stops early, with
+    exact eigenvalues, if it finds an invariant subspace.
     """
     check_single_image(x)
     _check_count("iterations", iterations, 1)

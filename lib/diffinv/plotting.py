@@ -49,8 +49,9 @@ def signed_panel(ax, image: torch.Tensor, title: str | None = None, marker: tupl
     """Draw a signed map (C, H, W) or (H, W): red positive, blue negative, on a scale symmetric about 0.
 
     Several channels are shown as their mean. The scale is the map's own largest magnitude,
-    leaving out the flat (row-major, per channel) pixel ``exclude`` if given, so that a
-    Jacobian column's large diagonal entry does not wash out the rest. ``marker`` (row,
+    leaving out pixel ``exclude`` if given, so that a Jacobian column's large diagonal entry
+    does not wash out the rest. ``exclude`` is a row-major flat index over (C, H, W) or
+    (H, W), as :func:`diffinv.analysis.pixel_index` returns; its channel is ignored. ``marker`` (row,
     column) draws a cross on one pixel.
     """
     panel = image.detach().float().cpu()
