@@ -463,6 +463,8 @@ def test_signed_panel_flat_map_and_bad_shape():
     assert ax.get_images()[0].get_clim() == (-1.0, 1.0)
     with pytest.raises(ValueError, match="expected"):
         signed_panel(ax, torch.zeros(1, 1, 3, 3))
+    with pytest.raises(ValueError, match="exclude = 9"):
+        signed_panel(ax, torch.zeros(1, 3, 3), exclude=9)
     plt.close(fig)
 
 

@@ -60,6 +60,8 @@ def signed_panel(ax, image: torch.Tensor, title: str | None = None, marker: tupl
         raise ValueError(f"image has shape {tuple(image.shape)}, expected (C, H, W) or (H, W)")
     scaled = panel.flatten().clone()
     if exclude is not None:
+        if not 0 <= exclude < image.numel():
+            raise ValueError(f"exclude = {exclude}, expected a flat pixel index in [0, {image.numel()})")
         scaled[exclude % scaled.numel()] = 0
     limit = float(scaled.abs().max()) or 1.0
     ax.imshow(panel.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
