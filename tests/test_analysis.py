@@ -205,6 +205,34 @@ def test_ritz_values_stop_at_invariant_subspace():
     assert torch.allclose(values.real, torch.tensor([3.0, -2.0, 1.0, 0.5], dtype=torch.float64), atol=1e-12)
 
 
+def test_ritz_values_float32_wide_spectrum():
+    # In float32 a spread of 1e4 must not pass for an invariant subspace after the first step.
+    rotation = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64))[0]
+    eigvals = torch.tensor([-1e4, *torch.linspace(-3, -1, 15).tolist()], dtype=torch.float64)
+    matrix = (rotation * eigvals) @ rotation.T
+    fn = lambda x: (x.flatten(1).double() @ matrix.T).to(x.dtype).reshape(x.shape)
+    values = analysis.ritz_values(fn, torch.zeros(1, 1, 4, 4), iterations=16)
+    assert len(values) == 16
+    assert abs(float(values.real.min()) + 1e4) < 1e4 * 1e-5
+    assert abs(float(values.real.max()) + 1.0) < 1e-2
+
+
+def test_ritz_values_integer_types(gaussian, noisy):
+    import numpy as np
+
+    values = analysis.ritz_values(analysis.score_map(gaussian, 300), noisy[300], np.int64(5))
+    assert values.shape == (5,)
+
+
+def test_ritz_values_rejects_non_finite(gaussian, noisy):
+    x = noisy[300].clone()
+    x[0, 0, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="1 non-finite values"):
+        analysis.ritz_values(analysis.score_map(gaussian, 300), x, 5)
+    with pytest.raises(ValueError, match="not finite"):
+        analysis.ritz_values(lambda x: x / 0.0, noisy[300], 5)
+
+
 @pytest.mark.parametrize("iterations", [0, -1, 2.5, True])
 def test_ritz_values_rejects_iterations(gaussian, noisy, iterations):
     with pytest.raises(ValueError, match="iterations"):

@@ -127,6 +127,17 @@ def test_evaluate_rejects_priors_of_another_dataset(tmp_path):
         grid.evaluate(out=tmp_path, **{**GRID, "device": "cpu"}, priors=priors)
 
 
+def test_evaluate_accepts_priors_for_a_device_name(tmp_path):
+    rows = grid.evaluate(out=tmp_path, **{**GRID, "solvers": ("dps",), "baselines": (), "images": 1,
+                                          "device": "cpu"}, priors=grid.PriorCache("faces", "cpu"))
+    assert len(rows) == 2
+
+
+def test_choose_rejects_unknown_metric():
+    with pytest.raises(ValueError, match="metric 'psrn' is not valid"):
+        grid.choose([], metric="psrn")
+
+
 def test_evaluate_returns_only_requested_rows(tmp_path, uninterrupted):
     grid.evaluate(out=tmp_path, **GRID)
     other = grid.evaluate(out=tmp_path, **{**GRID, "steps": 2})

@@ -22,6 +22,7 @@ It took half the time of ``torch.func.vmap`` over single jvps (8 tangents throug
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Callable, NamedTuple, Sequence
 
@@ -388,28 +389,39 @@ def ritz_values(fn: ImageMap, x: torch.Tensor, iterations: int = 30, seed: int =
     leftmost and rightmost real parts are usually close, the interior ones not. One run gives
     them all, so the spectral radius and the leftmost eigenvalue of J cost the same
     ``iterations`` jvps. With the same seed, ``a I + b J`` has the same Krylov space and the
-    Ritz values ``a + b * theta`` for each value ``theta`` here. The run stops early, with
-    exact eigenvalues, if it finds an invariant subspace.
+    Ritz values ``a + b * theta`` for each value ``theta`` here.
+
+    The basis is kept in float64 whatever the dtype of ``x``. The run stops early when the new
+    direction is no larger than the rounding error of the product that made it (10 machine
+    epsilons of ``x``'s dtype, relative): the Krylov space is then invariant as far as the
+    products can tell, and further steps would only add rounding noise.
     """
     check_single_image(x)
     _check_count("iterations", iterations, 1)
-    steps = min(iterations, x[0].numel())
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"x has {int((~torch.isfinite(x)).sum())} non-finite values (NaN or inf), expected finite pixels")
+    steps = min(int(iterations), x[0].numel())
     shape = x.shape[1:]
-    start = _random_images(1, x, seed).flatten()
+    rounding = 10 * torch.finfo(x.dtype).eps
+    start = _random_images(1, x, seed).flatten().double()
     basis = [start / start.norm()]
     hessenberg = torch.zeros(steps + 1, steps, dtype=torch.float64)
     for j in range(steps):
-        w = jvp_batch(fn, x, basis[j].reshape(1, *shape)).flatten()
+        w = jvp_batch(fn, x, basis[j].to(x.dtype).reshape(1, *shape)).flatten().double()
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"the Jacobian-vector product of Arnoldi step {j + 1} is not finite: the map returns "
+                             f"NaN or inf near x, expected finite derivatives")
+        product_norm = float(w.norm())
         stacked = torch.stack(basis)
         # Classical Gram-Schmidt twice: H[:j+1, j] are the coefficients of J q_j on q_0..q_j.
         for _ in range(2):
             coefficients = stacked @ w
             w = w - coefficients @ stacked
-            hessenberg[: j + 1, j] += coefficients.double().cpu()
+            hessenberg[: j + 1, j] += coefficients.cpu()
         norm = float(w.norm())
         hessenberg[j + 1, j] = norm
-        if norm <= 1e3 * torch.finfo(x.dtype).eps * float(hessenberg[: j + 2, : j + 1].abs().max()):
-            steps = j + 1  # exact invariant subspace: its Ritz values are eigenvalues of J
+        if norm <= rounding * product_norm:
+            steps = j + 1  # invariant to rounding: the Ritz values of this space are all there is to find
             break
         basis.append(w / norm)
     values = torch.linalg.eigvals(hessenberg[:steps, :steps])
@@ -474,7 +486,12 @@ def noisy_image(prior: Prior, x0: torch.Tensor, t: int, noise: torch.Tensor) -> 
 
 
 def _check_count(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """Accept any integer type (int, numpy or 0-d torch integers) but bool, at least ``minimum``."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if isinstance(value, bool) or number is None or number < minimum:
         raise ValueError(f"{name} = {value!r}, expected an integer >= {minimum}")
 
 

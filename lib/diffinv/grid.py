@@ -90,8 +90,8 @@ def plan_jobs(models, tasks, solvers, baselines=(), chosen: dict | None = None) 
 class PriorCache:
     """Loads each prior once per process."""
 
-    def __init__(self, dataset: str, device: torch.device):
-        self.dataset, self.device, self.priors = dataset, device, {}
+    def __init__(self, dataset: str, device: str | torch.device | None):
+        self.dataset, self.device, self.priors = dataset, pick_device(device), {}
 
     def __call__(self, model: str):
         if model not in self.priors:
@@ -190,7 +190,7 @@ def evaluate(models=("gaussian",), tasks=("deblur",), solvers=SOLVERS, out: str 
     rows = read_rows(path)
     done = {row_key(row) for row in rows}
     if priors is None:
-        priors = PriorCache(dataset, pick_device(device))
+        priors = PriorCache(dataset, device)
     elif (priors.dataset, priors.device) != (dataset, pick_device(device)):
         raise ValueError(f"priors were loaded for dataset {priors.dataset!r} on {priors.device}, "
                          f"expected dataset {dataset!r} on {pick_device(device)}")
@@ -267,7 +267,7 @@ def sweep(models, tasks, solvers, values: dict[str, list[float]], out: str | Pat
           progress: bool = True) -> list[dict]:
     """Run each solver over its list of zeta (or, for SDEdit, t0) values on training faces."""
     rows = []
-    priors = PriorCache(dataset, pick_device(device))
+    priors = PriorCache(dataset, device)
     for solver in solvers:
         if solver not in values or not values[solver]:
             raise ValueError(f"no sweep values given for solver {solver!r}")
@@ -287,6 +287,8 @@ def choose(rows: list[dict], metric: str = "psnr") -> dict[tuple[str, str, str],
 
     Values whose runs diverged (NaN metrics) are skipped; a configuration where every value diverged is left out.
     """
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r} is not valid, expected one of {', '.join(METRICS)}")
     sign = -1 if metric == "lpips" else 1
     best: dict[tuple, tuple[float, float]] = {}
     for entry in summary_table(rows):
