@@ -372,6 +372,12 @@ def test_check_rendered_site(tmp_path, capsys):
         '<div class="cell_output"><div class="output traceback">Traceback (most recent call last)</div></div>'
         '<script src="https://cdn.invalid/lib.js"></script></body></html>')
 
+    # A rule row inside code, a keyboard hint or a rendered table cell is content, not a table left as text.
+    (site / "docs.html").write_text(
+        '<html><body><pre>|---|---|</pre><p>type <kbd>|---|</kbd></p>'
+        '<table><tr><td>|---|---|</td></tr></table><p>x |-1| y, a - b | c</p></body></html>')
+    (site / "short.html").write_text('<html><body><p>| a | b | |-|-| | 1 | 2 |</p></body></html>')
+
     status = check_rendered.main(["--html", str(site), "--screenshots", str(tmp_path / "shots")])
     output = capsys.readouterr().out
 
@@ -381,6 +387,8 @@ def test_check_rendered_site(tmp_path, capsys):
     assert "image did not load: missing.png" in output
     assert "raw TeX in the text" in output
     assert "Markdown table left as text" in output
+    assert "ok   docs.html" in output
+    assert "FAIL short.html" in output
     assert "error output: Traceback" in output
     assert "remote reference (the book must work offline): https://cdn.invalid/lib.js" in output
     assert (tmp_path / "shots" / "index.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -465,6 +473,14 @@ def test_signed_panel_flat_map_and_bad_shape():
         signed_panel(ax, torch.zeros(1, 1, 3, 3))
     with pytest.raises(ValueError, match="exclude = 9"):
         signed_panel(ax, torch.zeros(1, 3, 3), exclude=9)
+    with pytest.raises(ValueError, match="exclude = True"):
+        signed_panel(ax, torch.zeros(1, 3, 3), exclude=True)
+    with pytest.raises(ValueError, match="1 non-finite"):
+        signed_panel(ax, torch.tensor([[0.0, float("nan")], [1.0, 2.0]]))
+    with pytest.raises(ValueError, match="non-empty"):
+        signed_panel(ax, torch.zeros(0, 4))
+    signed_panel(ax, np.ones((2, 2)))
+    assert ax.get_images()[-1].get_clim() == (-1.0, 1.0)
     plt.close(fig)
 
 
@@ -501,6 +517,23 @@ def test_scrub_animation_keeps_panel_aspect():
     first = base64.b64decode(re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html).group(1))
     width, height = struct.unpack(">II", first[16:24])
     assert (width, height) == (80, 30)
+
+
+def test_scrub_animation_rejects_changing_panel_shapes():
+    frames = [[torch.zeros(1, 8, 8)], [torch.zeros(1, 8, 24)]]
+    with pytest.raises(ValueError, match="panel 0 of frame 1 has shape"):
+        scrub_animation(frames)
+
+
+def test_scrub_animation_splits_numpy_frames_and_checks_arguments():
+    frames = [np.zeros((2, 1, 4, 4)) for _ in range(2)]
+    assert scrub_animation(frames, titles=["a", "b"], dpi=20).data.count("data:image/png;base64") == 2
+    with pytest.raises(ValueError, match="one string"):
+        scrub_animation(frames, titles="ab")
+    with pytest.raises(ValueError, match="size = 0"):
+        scrub_animation(frames, size=0)
+    with pytest.raises(ValueError, match="panels"):
+        scrub_animation([[], []])
 
 
 def test_scrub_animation_rejects_ragged_frames():

@@ -67,13 +67,15 @@ INSPECT_SCRIPT = r"""
   const rawTex = [];
   const rawTables = [];
   const texPattern = /\$\$|\\\(|\\\[|\\begin\{|\\[a-zA-Z]{2,}/;
-  // A Markdown table that reached the page as text, such as one glued inline, keeps its rule row.
-  const tablePattern = /\|\s*:?-{3,}:?\s*\|/;
+  // A Markdown table that reached the page as text, such as one glued inline, keeps its rule row:
+  // two or more cells of dashes (optionally colon-aligned) between pipes, outer pipes optional.
+  const tablePattern = /(^|[\s|]):?-+:?\s*\|\s*:?-+:?(?=[\s|]|$)/;
+  const tableSkip = skip + ", kbd, samp, td, th";
   for (let node = walker.nextNode(); node; node = walker.nextNode()) {
     if (node.parentElement && node.parentElement.closest(skip)) continue;
     const text = node.textContent;
     if (texPattern.test(text)) rawTex.push(text.trim().slice(0, 80));
-    if (tablePattern.test(text)) rawTables.push(text.trim().slice(0, 80));
+    if (tablePattern.test(text) && !node.parentElement.closest(tableSkip)) rawTables.push(text.trim().slice(0, 80));
   }
   const outputText = selector => [...document.querySelectorAll(selector)].map(e => e.innerText.trim().slice(0, 160));
   const mathElements = [...document.querySelectorAll(".math")];

@@ -44,8 +44,8 @@ def show_image(ax, image, title: str | None = None) -> None:
         ax.set_title(title, fontsize=9)
 
 
-def signed_panel(ax, image: torch.Tensor, title: str | None = None, marker: tuple[int, int] | None = None,
-                 exclude: int | None = None) -> None:
+def signed_panel(ax, image: torch.Tensor | np.ndarray, title: str | None = None,
+                 marker: tuple[int, int] | None = None, exclude: int | None = None) -> None:
     """Draw a signed map (C, H, W) or (H, W): red positive, blue negative, on a scale symmetric about 0.
 
     Several channels are shown as their mean. The scale is the map's own largest magnitude,
@@ -54,14 +54,18 @@ def signed_panel(ax, image: torch.Tensor, title: str | None = None, marker: tupl
     (H, W), as :func:`diffinv.analysis.pixel_index` returns; its channel is ignored. ``marker`` (row,
     column) draws a cross on one pixel.
     """
-    panel = image.detach().float().cpu()
+    image = torch.as_tensor(image).detach()
+    panel = image.float().cpu()
     panel = panel.mean(0) if panel.ndim == 3 else panel
-    if panel.ndim != 2:
-        raise ValueError(f"image has shape {tuple(image.shape)}, expected (C, H, W) or (H, W)")
+    if panel.ndim != 2 or panel.numel() == 0:
+        raise ValueError(f"image has shape {tuple(image.shape)}, expected a non-empty (C, H, W) or (H, W)")
+    if not bool(torch.isfinite(panel).all()):
+        raise ValueError(f"image has {int((~torch.isfinite(panel)).sum())} non-finite pixels (NaN or inf), "
+                         "expected finite values to scale the colours by")
     scaled = panel.flatten().clone()
     if exclude is not None:
-        if not 0 <= exclude < image.numel():
-            raise ValueError(f"exclude = {exclude}, expected a flat pixel index in [0, {image.numel()})")
+        if isinstance(exclude, bool) or not isinstance(exclude, int) or not 0 <= exclude < image.numel():
+            raise ValueError(f"exclude = {exclude!r}, expected a flat pixel index in [0, {image.numel()})")
         scaled[exclude % scaled.numel()] = 0
     limit = float(scaled.abs().max()) or 1.0
     ax.imshow(panel.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from IPython.display import HTML
 from matplotlib import animation
@@ -40,8 +41,8 @@ ICON = re.compile(r'<i class="(fa [^"]+)"></i>')
 
 
 def _panels(frame) -> list:
-    """Split one frame into its panels: a (K, C, H, W) tensor or a list gives K, an image gives 1."""
-    if isinstance(frame, torch.Tensor) and frame.ndim == 4:
+    """Split one frame into its panels: a (K, C, H, W) array or a list gives K, an image gives 1."""
+    if isinstance(frame, (torch.Tensor, np.ndarray)) and frame.ndim == 4:
         return list(frame)
     if isinstance(frame, (list, tuple)):
         return list(frame)
@@ -68,9 +69,20 @@ def scrub_animation(frames: Sequence, titles: Sequence[str] | None = None,
     frames = [_panels(frame) for frame in frames]
     if not frames:
         raise ValueError("scrub_animation received no frames")
+    if not size > 0:
+        raise ValueError(f"size = {size!r}, expected a positive panel height in inches")
     panel_count = len(frames[0])
-    if any(len(panels) != panel_count for panels in frames):
-        raise ValueError(f"frames have {sorted({len(p) for p in frames})} panels, expected {panel_count} in every frame")
+    if panel_count == 0 or any(len(panels) != panel_count for panels in frames):
+        raise ValueError(f"frames have {sorted({len(p) for p in frames})} panels, expected the same positive "
+                         f"number in every frame")
+    shapes = [tuple(panel.shape) for panel in frames[0]]
+    for index, panels in enumerate(frames):
+        for position, panel in enumerate(panels):
+            if tuple(panel.shape) != shapes[position]:
+                raise ValueError(f"panel {position} of frame {index} has shape {tuple(panel.shape)}, expected "
+                                 f"{shapes[position]} as in the first frame")
+    if isinstance(titles, str):
+        raise ValueError(f"titles = {titles!r} is one string, expected one title per panel")
     if titles is not None and len(titles) != panel_count:
         raise ValueError(f"{len(titles)} titles for {panel_count} panels, expected one per panel")
     if frame_labels is not None and len(frame_labels) != len(frames):
