@@ -392,9 +392,9 @@ def ritz_values(fn: ImageMap, x: torch.Tensor, iterations: int = 30, seed: int =
     Ritz values ``a + b * theta`` for each value ``theta`` here.
 
     The basis is kept in float64 whatever the dtype of ``x``. The run stops early when the new
-    direction is no larger than the rounding error of the product that made it (10 machine
-    epsilons of ``x``'s dtype, relative): the Krylov space is then invariant as far as the
-    products can tell, and further steps would only add rounding noise.
+    direction is no larger than the rounding error of the product that made it, 10 machine
+    epsilons of ``x``'s dtype relative to that product. The Krylov space is then invariant as
+    far as the products can resolve, and further steps would add only rounding noise.
     """
     check_single_image(x)
     _check_count("iterations", iterations, 1)
@@ -421,7 +421,7 @@ def ritz_values(fn: ImageMap, x: torch.Tensor, iterations: int = 30, seed: int =
         norm = float(w.norm())
         hessenberg[j + 1, j] = norm
         if norm <= rounding * product_norm:
-            steps = j + 1  # invariant to rounding: the Ritz values of this space are all there is to find
+            steps = j + 1  # invariant up to rounding, so further steps would find nothing new
             break
         basis.append(w / norm)
     values = torch.linalg.eigvals(hessenberg[:steps, :steps])
