@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from common import build_prior, load_record, machine_record, median, set_threads, sharing_note, time_call, write_result
+from common import add_run_arguments, load_record, median, run_record, start_run, time_call, write_result
 from diffinv.data import load_faces
 from diffinv.operators import make_operator, measure
 from diffinv.solvers import DEFAULT_ZETA, sample, solve
@@ -43,19 +43,14 @@ def make_run(prior, mode: str, batch: int, steps: int, dps_zeta: float | None):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="embedded", help="prior to time: embedded, random, a folder or a hub id")
+    add_run_arguments(parser, "batch_scaling")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="batch sizes")
     parser.add_argument("--steps", type=int, default=10, help="respaced reverse steps per run")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per batch size and mode")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, fixed for the whole run")
     parser.add_argument("--dps-zeta", type=float, default=None,
                         help=f"DPS step size (default {DEFAULT_ZETA['dps']}; random weights need about 0.01)")
-    parser.add_argument("--output", default="batch_scaling", help="result name in benchmarks/results/")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    set_threads(args.threads)
-
-    prior = build_prior(args.model)
+    prior = start_run(args)
     load_before = load_record()
     results = []
     for mode in MODES:
@@ -79,8 +74,7 @@ def main(argv=None) -> dict:
         "config": {"model": args.model, "modes": list(MODES), "task": TASK, "sigma_y": SIGMA_Y, "steps": args.steps,
                    "dps_zeta": args.dps_zeta if args.dps_zeta is not None else DEFAULT_ZETA["dps"], "seed": 0,
                    "dtype": "float32", "device": "cpu", "repeats": args.repeats, "threads": args.threads},
-        "machine": machine_record(), "load_before": load_before, "load_after": load_after,
-        "sharing": sharing_note(load_before, load_after),
+        **run_record(load_before, load_after),
         "results": results,
     }
     path = write_result(args.output, payload)

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import load_record, machine_record, sharing_note, write_result
+from common import load_record, run_record, write_result
 
 logger = logging.getLogger("diffinv")
 
@@ -108,8 +108,7 @@ def main(argv=None) -> dict:
 
     payload = {
         "benchmark": "book_build", "execution": execution, "missing_executed_chapters": missing, "build": build,
-        "machine": machine_record(), "load_before": load_before, "load_after": load_after,
-        "sharing": sharing_note(load_before, load_after),
+        **run_record(load_before, load_after),
     }
     path = write_result(args.output, payload)
     logger.info("execution %s s over %d chapters (last run); build %.1f s, exit status %d; written to %s",

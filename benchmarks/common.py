@@ -10,7 +10,9 @@ the timings were taken.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -64,6 +66,27 @@ def sharing_note(before: dict, after: dict) -> str:
         return (f"shared: the 1-minute load average reached {highest:g} on {cores} logical cores, so other "
                 "processes competed for the CPU and wall times are longer than on an idle machine")
     return f"not shared beyond the cores: the 1-minute load average stayed at or below {highest:g} on {cores} cores"
+
+
+def run_record(load_before: dict, load_after: dict) -> dict:
+    """Return the fields every result file records about where it ran: machine, loads and sharing."""
+    return {"machine": machine_record(), "load_before": load_before, "load_after": load_after,
+            "sharing": sharing_note(load_before, load_after)}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, output: str) -> None:
+    """Add the options that every timing script shares: ``--model``, ``--threads`` and ``--output``."""
+    parser.add_argument("--model", default="embedded",
+                        help="prior to time: embedded, random (its architecture, untrained), a folder or a hub id")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, fixed for the whole run")
+    parser.add_argument("--output", default=output, help="result name in benchmarks/results/")
+
+
+def start_run(args: argparse.Namespace) -> Prior:
+    """Set up logging and the thread count from ``args``, then return the prior named by ``args.model``."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    set_threads(args.threads)
+    return build_prior(args.model)
 
 
 def build_prior(model: str) -> Prior:

@@ -54,8 +54,7 @@ import time
 
 import torch
 
-from common import (NetworkTimer, build_prior, load_record, machine_record, set_threads, sharing_note,
-                    swapped_network, write_result)
+from common import NetworkTimer, add_run_arguments, load_record, run_record, start_run, swapped_network, write_result
 from diffinv.data import load_faces
 from diffinv.metrics import all_metrics
 from diffinv.operators import make_operator, measure
@@ -232,19 +231,14 @@ def compare_seed(prior, truth, indices, seed: int, steps: int, zeta: float) -> l
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="embedded", help="prior: embedded, random, a folder or a hub id")
+    add_run_arguments(parser, "deepinv_dps")
     parser.add_argument("--images", type=int, default=4, help="held-out faces to restore")
     parser.add_argument("--steps", type=int, default=100, help="network evaluations per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the measurement noise and sampler")
     parser.add_argument("--zeta", type=float, default=DEFAULT_ZETA["dps"],
                         help="our DPS step size (the official code's zeta' is twice this)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, fixed for the whole run")
-    parser.add_argument("--output", default="deepinv_dps", help="result name in benchmarks/results/")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    set_threads(args.threads)
-
-    prior = build_prior(args.model)
+    prior = start_run(args)
     faces = load_faces("test").take(args.images)
     load_before = load_record()
     runs = [entry for seed in args.seeds
@@ -257,8 +251,7 @@ def main(argv=None) -> dict:
                    "official_zeta": 2 * args.zeta, "seeds": args.seeds, "images": len(faces.indices),
                    "indices": list(faces.indices), "split": "test", "threads": args.threads, "device": "cpu",
                    "deepinv": __import__("deepinv").__version__},
-        "machine": machine_record(), "load_before": load_before, "load_after": load_after,
-        "sharing": sharing_note(load_before, load_after),
+        **run_record(load_before, load_after),
         "runs": runs,
     }
     path = write_result(args.output, payload)

@@ -44,8 +44,8 @@ from types import SimpleNamespace
 
 import torch
 
-from common import (NetworkTimer, build_prior, load_record, machine_record, median, set_threads, sharing_note,
-                    swapped_network, write_result)
+from common import (NetworkTimer, add_run_arguments, load_record, median, run_record, start_run, swapped_network,
+                    write_result)
 from diffinv.data import load_faces
 from diffinv.operators import make_operator, measure
 from diffinv.solvers import DEFAULT_T0, DEFAULT_ZETA, SOLVERS, solve
@@ -178,21 +178,16 @@ def batch_problem(prior, batch: int):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="embedded", help="prior to time: embedded, random, a folder or a hub id")
+    add_run_arguments(parser, "sampler_overhead")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes")
     parser.add_argument("--steps", type=int, default=10, help="respaced reverse steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="timed solver runs per batch and solver")
     parser.add_argument("--calls", type=int, default=3, help="timed network calls before each solver run")
     parser.add_argument("--dps-zeta", type=float, default=None,
                         help=f"DPS step size (default {DEFAULT_ZETA['dps']}; random weights need about 0.01)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, fixed for the whole run")
     parser.add_argument("--profile-batch", type=int, default=None, help="also profile one run at this batch size")
-    parser.add_argument("--output", default="sampler_overhead", help="result name in benchmarks/results/")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    set_threads(args.threads)
-
-    prior = build_prior(args.model)
+    prior = start_run(args)
     load_before = load_record()
     results, profiles = [], []
     for batch in args.batches:
@@ -218,8 +213,7 @@ def main(argv=None) -> dict:
                    "zeta": {**DEFAULT_ZETA, **({"dps": args.dps_zeta} if args.dps_zeta else {})},
                    "sdedit_t0": DEFAULT_T0, "dtype": "float32", "device": "cpu", "repeats": args.repeats,
                    "network_calls_per_repeat": args.calls, "threads": args.threads},
-        "machine": machine_record(), "load_before": load_before, "load_after": load_after,
-        "sharing": sharing_note(load_before, load_after),
+        **run_record(load_before, load_after),
         "target": TARGET, "worst_overhead": worst, "target_met": worst <= TARGET,
         "worst_overhead_separate": max(entry["overhead_separate"] for entry in results),
         "worst_overhead_stand_in": max(entry["overhead_stand_in"] for entry in results),
