@@ -176,8 +176,8 @@ def test_spectral_radius_reverse(gaussian, noisy, t):
 
 @pytest.mark.parametrize("t", (50, 300))
 def test_ritz_values_score_extremes(gaussian, noisy, t):
-    # J_s = -C_t^{-1}: its eigenvalues lie in [-1 / min variance, -1 / max variance], all real.
-    # At t = 50 the right end is a small gap at the edge of a wide spectrum and needs about 60 steps.
+    # J_s = -C_t^{-1} has real eigenvalues in [-1 / min variance, -1 / max variance].
+    # At t = 50 the right end is a small gap at the edge of a wide spectrum, so it needs about 60 steps.
     variances = gaussian.schedule.abar[t] * gaussian.eigvals + 1 - gaussian.schedule.abar[t]
     values = analysis.ritz_values(analysis.score_map(gaussian, t), noisy[t], iterations=60)
     assert values.shape == (60,)
@@ -188,7 +188,7 @@ def test_ritz_values_score_extremes(gaussian, noisy, t):
 
 
 def test_ritz_values_shift_and_scale(gaussian, noisy):
-    # The Krylov space of a I + b J is that of J, so its Ritz values are a + b times those of J.
+    # The Krylov space of a I + b J is that of J, so each Ritz value theta of J becomes a + b * theta.
     t = 300
     score = analysis.score_map(gaussian, t)
     alpha_t = float(gaussian.schedule.alphas[t])

@@ -465,22 +465,26 @@ def test_signed_panel_scale_excludes_pixel():
     plt.close(fig)
 
 
-def test_signed_panel_flat_map_and_bad_shape():
+def test_signed_panel_flat_maps():
     fig, ax = plt.subplots()
     signed_panel(ax, torch.zeros(3, 3))
-    assert ax.get_images()[0].get_clim() == (-1.0, 1.0)
-    with pytest.raises(ValueError, match="expected"):
-        signed_panel(ax, torch.zeros(1, 1, 3, 3))
-    with pytest.raises(ValueError, match="exclude = 9"):
-        signed_panel(ax, torch.zeros(1, 3, 3), exclude=9)
-    with pytest.raises(ValueError, match="exclude = True"):
-        signed_panel(ax, torch.zeros(1, 3, 3), exclude=True)
-    with pytest.raises(ValueError, match="1 non-finite"):
-        signed_panel(ax, torch.tensor([[0.0, float("nan")], [1.0, 2.0]]))
-    with pytest.raises(ValueError, match="non-empty"):
-        signed_panel(ax, torch.zeros(0, 4))
     signed_panel(ax, np.ones((2, 2)))
-    assert ax.get_images()[-1].get_clim() == (-1.0, 1.0)
+    assert ax.get_images()[0].get_clim() == (-1.0, 1.0)
+    assert ax.get_images()[1].get_clim() == (-1.0, 1.0)
+    plt.close(fig)
+
+
+@pytest.mark.parametrize(("image", "options", "message"), [
+    (torch.zeros(1, 1, 3, 3), {}, "expected a non-empty"),
+    (torch.zeros(0, 4), {}, "expected a non-empty"),
+    (torch.tensor([[0.0, float("nan")], [1.0, 2.0]]), {}, "1 non-finite"),
+    (torch.zeros(1, 3, 3), {"exclude": 9}, "exclude = 9"),
+    (torch.zeros(1, 3, 3), {"exclude": True}, "exclude = True"),
+])
+def test_signed_panel_rejects_bad_input(image, options, message):
+    fig, ax = plt.subplots()
+    with pytest.raises(ValueError, match=message):
+        signed_panel(ax, image, **options)
     plt.close(fig)
 
 
@@ -525,15 +529,20 @@ def test_scrub_animation_rejects_changing_panel_shapes():
         scrub_animation(frames)
 
 
-def test_scrub_animation_splits_numpy_frames_and_checks_arguments():
+def test_scrub_animation_splits_numpy_frames():
     frames = [np.zeros((2, 1, 4, 4)) for _ in range(2)]
-    assert scrub_animation(frames, titles=["a", "b"], dpi=20).data.count("data:image/png;base64") == 2
-    with pytest.raises(ValueError, match="one string"):
-        scrub_animation(frames, titles="ab")
-    with pytest.raises(ValueError, match="size = 0"):
-        scrub_animation(frames, size=0)
-    with pytest.raises(ValueError, match="panels"):
-        scrub_animation([[], []])
+    html = scrub_animation(frames, titles=["a", "b"], dpi=20).data
+    assert html.count("data:image/png;base64") == 2
+
+
+@pytest.mark.parametrize(("frames", "options", "message"), [
+    ([torch.zeros(2, 1, 4, 4)] * 2, {"titles": "ab"}, "one string"),
+    ([torch.zeros(2, 1, 4, 4)] * 2, {"size": 0}, "size = 0"),
+    ([[], []], {}, "panels"),
+])
+def test_scrub_animation_rejects_bad_arguments(frames, options, message):
+    with pytest.raises(ValueError, match=message):
+        scrub_animation(frames, **options)
 
 
 def test_scrub_animation_rejects_ragged_frames():

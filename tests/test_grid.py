@@ -98,7 +98,7 @@ def test_choose_skips_diverged_values():
     assert grid.choose(rows) == {("m", "deblur", "scoreald"): 0.5}
 
 
-def test_sweep_diverged_step_size_gives_nan_rows(tmp_path):
+def test_sweep_divergence_gives_nan_rows(tmp_path):
     rows = grid.sweep(("gaussian",), ("deblur",), ("scoreald",), {"scoreald": [1.0, 1e6]}, tmp_path,
                       images=2, steps=3, progress=False)
     by_zeta = {zeta: [row["psnr"] for row in rows if row["zeta"] == zeta] for zeta in (1.0, 1e6)}
@@ -127,7 +127,7 @@ def test_evaluate_rejects_priors_of_another_dataset(tmp_path):
         grid.evaluate(out=tmp_path, **{**GRID, "device": "cpu"}, priors=priors)
 
 
-def test_evaluate_accepts_priors_for_a_device_name(tmp_path):
+def test_evaluate_accepts_device_name_priors(tmp_path):
     rows = grid.evaluate(out=tmp_path, **{**GRID, "solvers": ("dps",), "baselines": (), "images": 1,
                                           "device": "cpu"}, priors=grid.PriorCache("faces", "cpu"))
     assert len(rows) == 2
